@@ -1,0 +1,1 @@
+"""Helpers shared by the test modules (tiny fixtures built from ../shared)."""
