@@ -132,7 +132,7 @@ class READForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(
+        raise RuntimeError(
             "READForCausalLM.generate is not READ's inference: use model.generate_masks(images_clip, images, "
             "input_ids, sam_mask_shape_list, max_new_tokens=...) (docs/interfaces.md, 'Inference API')"
         )
