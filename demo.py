@@ -93,13 +93,13 @@ class READPredictor:
             text=self.tokenizer.decode(res.token_ids, skip_special_tokens=True),
             num_seg=len(res.masks),
             present=bool(res.present),
-            mask=res.mask.numpy().astype(bool),
+            mask=res.mask.cpu().numpy().astype(bool),
         )
         if res.masks:
-            answer.points = res.points[0].numpy()
-            answer.labels = res.point_labels[0].numpy()
+            answer.points = res.points[0].detach().cpu().numpy()
+            answer.labels = res.point_labels[0].cpu().numpy()
             with torch.no_grad():
-                answer.similarity = similarity_heatmap(res.similarity[0], prepared.original_size, self.sasp_config).numpy()
+                answer.similarity = similarity_heatmap(res.similarity[0], prepared.original_size, self.sasp_config).cpu().numpy()
         return answer
 
 

@@ -548,9 +548,7 @@ def run_pending(args: argparse.Namespace, dataset: Any, pending: list[int], keys
 
 def image_path_of(dataset: Any, index: int) -> str:
     """The image path of item ``index`` without decoding the image (for the sample key)."""
-    if getattr(dataset, "name", None) == "ReasonSeg":
-        return str(dataset.images[index])
-    return str(dataset.index.image_path(dataset.image_ids[index]))
+    return dataset.image_path(index)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

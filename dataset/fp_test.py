@@ -125,6 +125,12 @@ class FPTestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images) if self.name == "ReasonSeg" else len(self.image_ids)
 
+    def image_path(self, idx: int) -> str:
+        """Path of item ``idx``'s image, without decoding it (used for stable sample keys and resume)."""
+        if self.name == "ReasonSeg":
+            return str(self.images[idx])
+        return str(self.index.image_path(self.image_ids[idx]))
+
     def __getitem__(self, idx: int) -> FPTestItem:
         return self._reason_item(idx) if self.name == "ReasonSeg" else self._refer_item(idx)
 

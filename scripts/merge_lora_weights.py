@@ -85,6 +85,8 @@ def load_fp32_state_dict(args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True) with one readable message instead of PyTorch's wall of keys."""
+    # training checkpoints of the original (transformers 4.31) also carry the rotary inv_freq buffers
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
