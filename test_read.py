@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queries of one image generated together (KV cache, left padding)")
     add_sasp_flags(g)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_dir", default="./dataset", help="data root holding refer_seg/ and reason_seg/")
+    g.add_argument("--dataset_dir", default="../dataset", help="data root holding refer_seg/ and reason_seg/ (default ../dataset, as the original scripts)")
     g.add_argument("--val_dataset", default="fprefcoco",
                    help="fprefcoco, fprefcoco+, fprefcocog, refcoco, refcoco+, refcocog, R-refcoco, R-refcoco+, "
                         "R-refcocog or ReasonSeg")

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="released: the released code's thresholds and DtoC; paper: the paper's Algorithm 1")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset_dir", default="./dataset", help="root of every dataset (see README, Datasets)")
+    g.add_argument("--dataset_dir", default="../dataset", help="root of every dataset (see README, Data); ../dataset as the original scripts (./dataset is this repo's code package)")
     g.add_argument("--dataset", default="refer_seg||correct_refer_seg||vqa||neg_refer_seg",
                    help="training sub-datasets joined by '||' (sem_seg, refer_seg, neg_refer_seg, "
                    "correct_refer_seg, vqa, reason_seg)")

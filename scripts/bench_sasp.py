@@ -22,12 +22,13 @@ window_peak_mb_4000x3000=<window peak MB at 4000x3000>`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -39,13 +40,28 @@ SIZES = [(480, 640), (1080, 1920), (3000, 4000)]  # (H, W)
 EXACT_REPEATS = {(480, 640): 5, (1080, 1920): 3, (3000, 4000): 1}
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence writes to file descriptor 2 made by native code (Python's own stderr is flushed first)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def peak_tensor_bytes(fn: Callable[[], None]) -> int:
     """Peak of (allocated - freed) tensor bytes while fn runs, from the profiler's allocation events."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with _quiet_native_stderr():  # kineto prints a "profiler_start/stop" line per session
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     events: list[tuple[int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:

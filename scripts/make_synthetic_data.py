@@ -3,7 +3,7 @@
 
 Example:
     python scripts/make_synthetic_data.py --out /tmp/read_synth --seed 0
-    python train.py --dataset_dir /tmp/read_synth ...   # any entry point that takes --dataset_dir
+    python train_read.py --dataset_dir /tmp/read_synth ...   # any entry point that takes --dataset_dir
 """
 
 from __future__ import annotations
