@@ -35,6 +35,7 @@ from utils.io import atomic_path, atomic_write_json
 
 from .config import READConfig
 from .constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from .state_dict_check import key_mismatch, listing
 
 if TYPE_CHECKING:
     from .read import READForCausalLM
@@ -48,11 +49,6 @@ SAM_PREFIX = "model.visual_model."
 FCS_PREFIX = "model.text_hidden_fcs."
 CLIP_MARK = "vision_tower"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _listing(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -107,7 +103,7 @@ def weight_files(directory: Path) -> list[Path]:
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (directory / f).is_file()]
             if missing:
-                raise FileNotFoundError(f"{index_path} lists shard files that are missing in {directory}: {_listing(missing)}")
+                raise FileNotFoundError(f"{index_path} lists shard files that are missing in {directory}: {listing(missing)}")
             return [directory / f for f in files]
     for name in SINGLE_NAMES:
         if (directory / name).is_file():
@@ -147,22 +143,9 @@ def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
 
 def check_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, torch.Tensor], where: str) -> None:
     """Strict key/shape comparison; one ValueError listing missing, unexpected and mis-shaped keys."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = sorted(
-        f"{k} (checkpoint {list(found[k].shape)}, model {list(expected[k])})"
-        for k in set(expected) & set(found)
-        if tuple(found[k].shape) != tuple(expected[k])
-    )
-    if missing or unexpected or mismatched:
-        parts = [f"checkpoint {where} does not match the READ model built from its config.json"]
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches: {_listing(mismatched)}")
-        raise ValueError("; ".join(parts))
+    problem = key_mismatch(expected, found)
+    if problem:
+        raise ValueError(f"checkpoint {where} does not match the READ model built from its config.json; {problem}")
 
 
 # ---------------------------------------------------------------------------------------------- CLIP
@@ -206,8 +189,8 @@ def load_clip(directory: Path, dtype: torch.dtype, attn_implementation: str) -> 
     mismatched = sorted(str(m) for m in info.get("mismatched_keys", []))
     if missing or mismatched:
         raise ValueError(
-            f"CLIP directory {directory} does not hold a complete vision tower: missing {_listing(missing)}; "
-            f"mismatched {_listing(mismatched)}"
+            f"CLIP directory {directory} does not hold a complete vision tower: missing {listing(missing)}; "
+            f"mismatched {listing(mismatched)}"
         )
     clip.requires_grad_(False)
     return clip.eval()
@@ -236,7 +219,7 @@ def _materialise_buffers(model: "READForCausalLM") -> None:
         sam.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1), False)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise RuntimeError(f"READ loading left tensors without values (a loader bug): {_listing(left)}")
+        raise RuntimeError(f"READ loading left tensors without values (a loader bug): {listing(left)}")
 
 
 def load_read(

@@ -30,6 +30,7 @@ from segment_anything.modeling import (
 from torch import nn
 
 from model.constants import SAM_IMAGE_SIZE, SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from model.state_dict_check import key_mismatch
 
 PROMPT_EMBED_DIM = 256
 SAM_PATCH_SIZE = 16
@@ -120,11 +121,6 @@ def build_sam(
     return sam
 
 
-def _listing(names: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 def load_sam_checkpoint(sam: Sam, checkpoint: Union[str, Path], variant: str = "?") -> None:
     """Load a `sam_vit_*.pth` state dict (keys `image_encoder.*`, `prompt_encoder.*`, `mask_decoder.*`).
 
@@ -143,22 +139,9 @@ def load_sam_checkpoint(sam: Sam, checkpoint: Union[str, Path], variant: str = "
         raise ValueError(f"SAM checkpoint {str(path)!r} is not a flat mapping of parameter names to tensors")
 
     expected = {k: tuple(t.shape) for k, t in sam.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        f"{k} (file {list(state[k].shape)}, model {list(expected[k])})"
-        for k in set(expected) & set(state)
-        if tuple(state[k].shape) != expected[k]
-    )
-    if missing or unexpected or mismatched:
-        parts = [f"SAM checkpoint {str(path)!r} does not match SAM variant {variant!r}:"]
-        if missing:
-            parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches: {_listing(mismatched)}")
-        raise ValueError("; ".join(parts))
+    problem = key_mismatch(expected, state, found_name="file")
+    if problem:
+        raise ValueError(f"SAM checkpoint {str(path)!r} does not match SAM variant {variant!r}: {problem}")
     on_meta = any(t.is_meta for t in sam.state_dict().values())
     sam.load_state_dict(state, strict=True, assign=on_meta)
 

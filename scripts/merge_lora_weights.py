@@ -26,6 +26,7 @@ from model.builder import READInitArgs, init_read_model  # noqa: E402
 from model.lora import merge_lora  # noqa: E402
 from model.read import READForCausalLM  # noqa: E402
 from model.sasp import SasPConfig  # noqa: E402
+from model.state_dict_check import key_mismatch  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,18 +88,11 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     """load_state_dict(strict=True) with one readable message instead of PyTorch's wall of keys."""
     # training checkpoints of the original (transformers 4.31) also carry the rotary inv_freq buffers
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shape = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or shape:
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f", ... ({len(keys) - 5} more)" if len(keys) > 5 else "")
-
+    problem = key_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, state)
+    if problem:
         raise SystemExit(
             f"{source} does not match the model rebuilt from --version with --lora_r/--lora_alpha/"
-            f"--lora_target_modules: {len(missing)} missing [{show(missing)}], {len(unexpected)} unexpected "
-            f"[{show(unexpected)}], {len(shape)} shape mismatches [{show(shape)}]"
+            f"--lora_target_modules: {problem}"
         )
     model.load_state_dict(state, strict=True)
 

@@ -147,7 +147,7 @@ def test_wrong_lora_rank_and_missing_checkpoint_are_reported(merged, tmp_path) -
     argv = list(merged["argv"])
     argv[argv.index("--save_path") + 1] = str(tmp_path / "x")
     argv[argv.index("--lora_r") + 1] = "8"
-    with pytest.raises(SystemExit, match=r"--lora_r.*shape mismatches \[base_model\.model\.model\.layers"):
+    with pytest.raises(SystemExit, match=r"--lora_r.*shape mismatches: base_model\.model\.model\.layers.*lora_A.*checkpoint \[4, 64\], model \[8, 64\]"):
         merge_lora_weights.main(argv)
     assert not (tmp_path / "x").exists()
     env = dict(os.environ, EXP_DIRECTORY=str(tmp_path / "nowhere"))
