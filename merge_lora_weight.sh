@@ -10,12 +10,14 @@ BASE_MODEL="${BASE_MODEL:-../dataset/SESAME-LLaVA-v1.5-7B}"            # the --v
 VISION_TOWER="${VISION_TOWER:-../dataset/clip-vit-large-patch14-336}"
 SAM_CHECKPOINT="${SAM_CHECKPOINT:-}"                                   # only for a plain LLaVA-1.5 base
 HF_CKPT_PATH="${HF_CKPT_PATH:-${EXP_DIRECTORY}/READ-LLaVA-v1.5-7B}"   # output directory
-LORA_R="${LORA_R:-8}"                                                  # must match training (README: 64 for some)
-LORA_ALPHA="${LORA_ALPHA:-16}"
-LORA_TARGET_MODULES="${LORA_TARGET_MODULES:-q_proj,v_proj}"
+# LoRA and SasP settings: empty = take them from the run's run_args.json (written by train_read.py beside
+# ckpt_model), else the original defaults (r 8, alpha 16, q_proj,v_proj, SasP read-7b).
+LORA_R="${LORA_R:-}"
+LORA_ALPHA="${LORA_ALPHA:-}"
+LORA_TARGET_MODULES="${LORA_TARGET_MODULES:-}"
 PRECISION="${PRECISION:-bf16}"
 MODEL_MAX_LENGTH="${MODEL_MAX_LENGTH:-2048}"
-SASP_PRESET="${SASP_PRESET:-read-7b}"
+SASP_PRESET="${SASP_PRESET:-}"
 TAG="${TAG:-}"      # empty: ckpt_model/latest (the best epoch); TAG=$(cat .../ckpt_model/last) for the newest
 
 CKPT_DIR="${EXP_DIRECTORY}/ckpt_model"
@@ -28,16 +30,16 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 EXTRA=()
 [[ -n "${TAG}" ]] && EXTRA+=(--tag "${TAG}")
 [[ -n "${SAM_CHECKPOINT}" ]] && EXTRA+=(--sam_checkpoint "${SAM_CHECKPOINT}")
+[[ -n "${LORA_R}" ]] && EXTRA+=(--lora_r "${LORA_R}")
+[[ -n "${LORA_ALPHA}" ]] && EXTRA+=(--lora_alpha "${LORA_ALPHA}")
+[[ -n "${LORA_TARGET_MODULES}" ]] && EXTRA+=(--lora_target_modules "${LORA_TARGET_MODULES}")
+[[ -n "${SASP_PRESET}" ]] && EXTRA+=(--sasp_preset "${SASP_PRESET}")
 
 python "${HERE}/scripts/merge_lora_weights.py" \
     --ckpt_dir "${CKPT_DIR}" \
     --version "${BASE_MODEL}" \
     --vision_tower "${VISION_TOWER}" \
     --save_path "${HF_CKPT_PATH}" \
-    --lora_r "${LORA_R}" \
-    --lora_alpha "${LORA_ALPHA}" \
-    --lora_target_modules "${LORA_TARGET_MODULES}" \
     --precision "${PRECISION}" \
     --model_max_length "${MODEL_MAX_LENGTH}" \
-    --sasp_preset "${SASP_PRESET}" \
     "${EXTRA[@]}" "$@"

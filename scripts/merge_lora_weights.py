@@ -12,6 +12,7 @@ a half-written model where a good one is expected.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -45,15 +46,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --save_path")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16", help="dtype of the saved weights")
     p.add_argument("--model_max_length", type=int, default=2048, help="written into the saved tokenizer config")
-    p.add_argument("--lora_r", type=int, default=8, help="LoRA rank used in training (README: 64 for some models)")
-    p.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha used in training")
+    p.add_argument("--lora_r", type=int, default=None,
+                   help="LoRA rank used in training (default: the run's run_args.json beside --ckpt_dir, else 8)")
+    p.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha used in training (default: run_args.json, else 16)")
     p.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout used in training (no effect on merge)")
-    p.add_argument("--lora_target_modules", default="q_proj,v_proj", help="LoRA targets used in training")
+    p.add_argument("--lora_target_modules", default=None,
+                   help="LoRA targets used in training (default: run_args.json, else q_proj,v_proj)")
     p.add_argument("--use_mm_start_end", action=argparse.BooleanOptionalAction, default=True,
                    help="image start/end tokens, as in training")
-    p.add_argument("--sasp_preset", default="read-7b", help="SasP settings stored in the saved config")
+    p.add_argument("--sasp_preset", default=None,
+                   help="SasP settings stored in the saved config (default: the run's resolved SasP settings from "
+                        "run_args.json, else read-7b)")
     p.add_argument("--max_shard_size", default="5GB", help="safetensors shard size")
     return p
+
+
+FALLBACKS = {"lora_r": 8, "lora_alpha": 16, "lora_target_modules": "q_proj,v_proj"}
+
+
+def resolve_run_settings(args: argparse.Namespace) -> SasPConfig:
+    """Fill unset LoRA flags from the training run's ``run_args.json`` (beside ``ckpt_model``), then the defaults.
+
+    Returns the SasP settings to store: ``--sasp_preset`` if given, else the run's resolved settings, else read-7b.
+    """
+    saved: dict = {}
+    if args.ckpt_dir:
+        path = Path(args.ckpt_dir).resolve().parent / "run_args.json"
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise SystemExit(f"{path}: not valid JSON ({err})") from None
+            print(f"[merge] training settings read from {path}")
+    for name, fallback in FALLBACKS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name, fallback))
+    if args.sasp_preset is not None:
+        return SasPConfig.preset(args.sasp_preset)
+    if saved.get("sasp"):
+        return SasPConfig(**saved["sasp"])
+    return SasPConfig.preset("read-7b")
 
 
 def load_fp32_state_dict(args: argparse.Namespace) -> dict[str, torch.Tensor]:
@@ -101,12 +133,14 @@ def merge(args: argparse.Namespace) -> Path:
     save_path = Path(args.save_path)
     if save_path.exists() and not args.overwrite:
         raise SystemExit(f"--save_path {save_path} exists; pass --overwrite to replace it")
+    sasp = resolve_run_settings(args)
+    print(f"[merge] LoRA r={args.lora_r} alpha={args.lora_alpha} targets={args.lora_target_modules}; SasP {sasp}")
     state = load_fp32_state_dict(args)
     init = READInitArgs(
         version=args.version, vision_tower=args.vision_tower, precision=args.precision,
         model_max_length=args.model_max_length, sam_checkpoint=args.sam_checkpoint, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_target_modules=args.lora_target_modules,
-        use_mm_start_end=args.use_mm_start_end, sasp_config=SasPConfig.preset(args.sasp_preset),
+        use_mm_start_end=args.use_mm_start_end, sasp_config=sasp,
         gradient_checkpointing=False,
         sam_variant=None,  # keep the base config's SAM variant (READ/SESAME configs say vit_h)
     )

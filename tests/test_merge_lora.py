@@ -153,3 +153,35 @@ def test_wrong_lora_rank_and_missing_checkpoint_are_reported(merged, tmp_path) -
     env = dict(os.environ, EXP_DIRECTORY=str(tmp_path / "nowhere"))
     proc = subprocess.run(["bash", str(REPO / "merge_lora_weight.sh")], env=env, capture_output=True, text=True)
     assert proc.returncode == 1 and "nowhere/ckpt_model is not a DeepSpeed checkpoint directory" in proc.stderr
+
+
+def test_lora_and_sasp_settings_come_from_the_runs_run_args(merged, tmp_path) -> None:
+    """Without --lora_r/--lora_alpha/--sasp_preset the merge reads them from run_args.json beside ckpt_model."""
+    from dataclasses import asdict
+
+    from model.sasp import SasPConfig
+
+    run_args = merged["root"] / "run" / "run_args.json"
+    sasp = asdict(SasPConfig.preset("read-13b"))
+    run_args.write_text(json.dumps({"lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
+                                    "lora_target_modules": "q_proj,v_proj", "sasp": sasp}))
+    try:
+        argv = list(merged["argv"])
+        for flag in ("--lora_r", "--lora_alpha"):
+            i = argv.index(flag)
+            del argv[i : i + 2]
+        argv[argv.index("--save_path") + 1] = str(tmp_path / "from-run-args")
+        assert merge_lora_weights.main(argv) == 0
+    finally:
+        run_args.unlink()
+    config = json.loads((tmp_path / "from-run-args" / "config.json").read_text())
+    assert config["sasp"]["num_points"] == 60 and config["sasp"]["t_pos"] == 0.6
+    first = json.loads((merged["out"] / "model.safetensors.index.json").read_text())["weight_map"]
+    again = json.loads((tmp_path / "from-run-args" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(first) == set(again)
+    from safetensors.torch import load_file
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+    a = load_file(str(merged["out"] / first[key]))[key]
+    b = load_file(str(tmp_path / "from-run-args" / again[key]))[key]
+    assert torch.equal(a, b)  # the same LoRA rank/alpha was used, so the same merged weights
