@@ -33,6 +33,8 @@ from utils.metrics import AverageMeter, ProgressMeter, SegmentationMeter, reduce
 
 LOSS_KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_loss")
 VAL_METRICS_JSON = "val_metrics.json"
+TRAIN_MIX_VAL = "train_mix"  # validation on fixed draws from the training mixture (dataset/train_val.py)
+TRAIN_MIX_VAL_SAMPLES = 200
 RUN_ARGS_JSON = "run_args.json"  # every flag of a run (+ the resolved SasP settings), next to ckpt_model
 SASP_MODES = ("released", "paper")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -124,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reason_seg_data", default="ReasonSeg|train", help="'<name>|<splits joined by _>'")
     g.add_argument("--num_classes_per_sample", type=int, default=1, help="max queries sampled per training image")
     g.add_argument("--val_dataset", default=REASON_VAL,
-                   help="validation set: ReasonSeg or a refer dataset (refcoco, refcoco+, refcocog, ...)")
+                   help="validation set: ReasonSeg, a refer dataset (refcoco, refcoco+, refcocog, ...) or "
+                        "train_mix (fixed draws with masks from the --dataset training mixture; --max_val_samples "
+                        "of them, default 200)")
     g.add_argument("--val_split", default="val", help="ReasonSeg: val|test; refer sets: val|test|testA|testB")
     g.add_argument("--val_subsets", action=b, default=False,
                    help="ReasonSeg: also report the short-query and long-query subsets")
@@ -387,9 +391,18 @@ def build_val_data(args: argparse.Namespace) -> ValData:
         ds = TestReferDataset(args.dataset_dir, pre, args.val_dataset, split=args.val_split, mode="val",
                               question_style=args.val_question_style, template=args.conv_type, seed=args.seed)
         subset_of = None
+    elif args.val_dataset == TRAIN_MIX_VAL:
+        if args.val_subsets:
+            raise UsageError("--val_subsets applies to ReasonSeg only (short/long queries)")
+        from dataset.hybrid import HybridDataset
+        from dataset.train_val import TrainValDataset
+
+        mixture = HybridDataset(args.dataset_dir, pre, hybrid_config(args), samples_per_epoch=1, seed=args.seed, rank=0)
+        ds = TrainValDataset(mixture, num_samples=args.max_val_samples or TRAIN_MIX_VAL_SAMPLES, seed=args.seed + 1)
+        subset_of = None
     else:
-        raise UsageError(f"--val_dataset: unknown validation set {args.val_dataset!r}; expected {REASON_VAL} or "
-                         f"one of {', '.join(REFER_DATASETS)}")
+        raise UsageError(f"--val_dataset: unknown validation set {args.val_dataset!r}; expected {REASON_VAL}, "
+                         f"{TRAIN_MIX_VAL} or one of {', '.join(REFER_DATASETS)}")
     if args.max_val_samples and len(ds) > args.max_val_samples:
         ds = torch.utils.data.Subset(ds, range(args.max_val_samples))
         subset_of = subset_of[: args.max_val_samples] if subset_of else None

@@ -205,3 +205,26 @@ def test_validate_reports_short_and_long_subsets(tiny_dirs, synthetic_dataset, t
     rec = [r for r in read_jsonl(Path(args.log_dir) / "log.jsonl") if r["kind"] == "val"][0]
     assert rec["step"] == 5 and rec["giou_short"] == pytest.approx(report["subsets"]["short"]["giou"])
     assert len(list((tmp_path / "masks").glob("*.npz"))) == len(items)
+
+
+def test_validation_on_fixed_draws_from_the_training_mix(tiny_dirs, synthetic_dataset, tmp_path):
+    from dataset.train_val import TrainValDataset
+    from model.tokenizer import READTokenizer
+    from utils.distributed import DistEnv
+    from utils.logging import RunLogger
+
+    args = train_read.parse_args(["--version", str(tiny_dirs["ckpt"]), "--dataset_dir", str(synthetic_dataset["root"]),
+                                  "--val_dataset", "train_mix", "--max_val_samples", "3", "--dataset",
+                                  "reason_seg||refer_seg", "--sample_rates", "1,1", "--workers", "0",
+                                  "--log_base_dir", str(tmp_path)])
+    val = train_read.build_val_data(args)
+    assert isinstance(val.dataset, TrainValDataset) and len(val.dataset) == 3
+    engine = _OracleEngine(long_paths=set())  # perfect masks for every query
+    tokenizer = READTokenizer.from_pretrained(tiny_dirs["ckpt"])
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    logger = RunLogger(Path(args.log_dir), True)
+    report = train_read.validate(engine, val, tokenizer, args, env, logger, torch.float32, step=1, epoch=0)
+    logger.close()
+    n = sum(val.dataset[i][4].shape[0] for i in range(3))
+    assert engine.calls == 3 and report["num_masks"] == n
+    assert report["ciou"] == pytest.approx(1.0) and report["giou"] == pytest.approx(n / (n + 1e-5))
