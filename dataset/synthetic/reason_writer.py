@@ -15,11 +15,12 @@ from dataset.synthetic.shapes import Box, Shape, paint_image, random_shape, rand
 from utils.io import atomic_write_json
 
 SPLITS = {"train": 4, "val": 3, "test": 3}
-SHORT_TEXTS = ("the red block", "the green rectangle", "the brightest region", "the shape near the corner")
+# The targets are the big red shape and the small blue box, so every query describes exactly those two.
+SHORT_TEXTS = ("the red shape and the blue box", "the red and blue regions", "the coloured blocks", "the red and the blue parts")
 LONG_TEXTS = (
-    "Which part of the picture would you paint first if you only had red paint?",
-    "Something here could hold a cup of tea; what is it?",
-    "If a child wanted to hide, which area of this image would cover the most?",
+    "Which parts of the picture would you cover if you had to paint over everything red or blue?",
+    "Which coloured objects stand out from the noisy background of this image?",
+    "If the noisy background is the floor, which things are lying on it?",
 )
 FP_SHORT = ("a flying saucer", "the orange cat", "a snowman")
 FP_LONG = ("Where is the umbrella that keeps the dog dry?", "Which bird is sitting on the roof?")
