@@ -94,15 +94,8 @@ case "$PRESET" in
     usage 1 ;;
 esac
 
-LAUNCH=(deepspeed)
-if [[ -n "$HOSTFILE" ]]; then
-  LAUNCH+=(--hostfile "$HOSTFILE" --launcher "$LAUNCHER")
-  [[ -n "$NUM_NODES" ]] && LAUNCH+=(--num_nodes "$NUM_NODES")
-  [[ -n "$MASTER_ADDR" ]] && LAUNCH+=(--master_addr "$MASTER_ADDR")
-else
-  LAUNCH+=(--include "$GPUS")
-fi
-LAUNCH+=(--master_port "$MASTER_PORT")
+source scripts/launch_common.sh  # (the script has cd-ed to its own folder)
+deepspeed_launch_prefix
 
 CMD=("${LAUNCH[@]}" train_read.py
      --vision_tower "$VISION_TOWER" --dataset_dir "$DATASET_DIR" --log_base_dir "$LOG_BASE_DIR"
@@ -113,7 +106,4 @@ CMD=("${LAUNCH[@]}" train_read.py
 [[ -n "$DS_CONFIG" ]] && CMD+=(--deepspeed_config "$DS_CONFIG")
 CMD+=("$@")
 
-printf '%q ' "${CMD[@]}"
-echo
-[[ "$DRY_RUN" == 1 ]] && exit 0
-exec "${CMD[@]}"
+print_and_run "${CMD[@]}"
