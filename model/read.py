@@ -21,7 +21,7 @@ Teacher-forced forward, per batch of T conversation rows over B images (``offset
    to the original size;
 5. CE (plain mean over the batch's answer tokens, in the logits' dtype) + weighted per-mask BCE and Dice.
 
-Deviations from the original, all keeping its numbers where it worked: no ``.cuda()`` (inputs follow the model's
+Deviations from the original, all keeping its numbers where it worked: no hard-coded CUDA device (inputs follow the model's
 device), CLIP runs once per image instead of once per row (same features), SasP uses each row's own image size and
 pairs every SEG with its own row, ``text_hidden_fcs`` is applied to the selected states only.
 """
