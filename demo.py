@@ -13,6 +13,7 @@ For each answer with a ``[SEG]`` three PNGs are written to ``--out``: ``<name>_m
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from dataclasses import dataclass
@@ -250,6 +251,7 @@ def load_predictor(args: argparse.Namespace) -> READPredictor:
 def main(argv: Optional[Sequence[str]] = None, inp: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")  # e.g. what was loaded from where
     if bool(args.image) != bool(args.prompt):
         parser.error("non-interactive mode needs both --image and --prompt")
     if args.max_new_tokens < 1:

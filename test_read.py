@@ -24,6 +24,7 @@ Output directory layout::
 from __future__ import annotations
 
 import argparse
+import logging
 import io
 import json
 import os
@@ -553,6 +554,7 @@ def image_path_of(dataset: Any, index: int) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")  # e.g. what was loaded from where
     if args.command == "run":
         try:
             cmd_run(args)

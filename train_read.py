@@ -12,6 +12,7 @@ Any bad input stops with one message before a model is built.
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import math
 import os
@@ -736,6 +737,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # library loggers (e.g. "model.loading": what was loaded from where) on rank 0 only
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="[%(name)s] %(message)s")
     from dataset.errors import DatasetError
 
     try:

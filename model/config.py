@@ -193,6 +193,11 @@ class READConfig(LlamaConfig):
             d["im_start_token_idx"] = d.pop("default_im_start_token_idx")
         d.update(_FORCED_FIELDS)
         d.setdefault("sam_variant", "vit_h")
+        # LLaVA's builder reads a missing projector type as a single Linear (LLaVA-v1-based LISA configs)
+        d.setdefault("mm_projector_type", "linear")
+        if d.get("sasp") is None and "sasp_preset" not in d:
+            # released configs carry no SasP settings: use the ones the original shipped for that model size
+            d["sasp_preset"] = "read-13b" if d.get("hidden_size") == 5120 else "read-7b"
         return cls(**d)
 
     def to_released_dict(self) -> dict[str, Any]:

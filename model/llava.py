@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaModel
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
@@ -145,11 +147,34 @@ def splice_image_features(
     return MultimodalInputs(inputs_embeds, mask, position_ids, expanded_ids, q, expanded_labels)
 
 
+class Float32RotaryEmbedding(LlamaRotaryEmbedding):
+    """RoPE whose inverse frequencies stay float32 when the model is cast (``.bfloat16()``, ``.half()``).
+
+    transformers 4.31 built its cos/sin cache from float32 frequencies before any cast; today's rotary module
+    recomputes the angles from ``inv_freq`` on every call, so a bf16 ``inv_freq`` would shift them (by ~0.9 rad at
+    position 700 for head_dim 128). Device moves still apply.
+    """
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and not self.inv_freq.is_meta:
+            init = (
+                self.compute_default_rope_parameters
+                if self.rope_type == "default"
+                else ROPE_INIT_FUNCTIONS[self.rope_type]
+            )
+            inv_freq, _ = init(self.config)
+            self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
+            self.original_inv_freq = self.inv_freq.clone()
+        return self
+
+
 class LlavaLlamaModel(LlamaModel):
     """`LlamaModel` + CLIP tower + projector (the original ``LlavaLlamaModel``/``LlavaMetaModel``)."""
 
     def __init__(self, config) -> None:
         super().__init__(config)
+        self.rotary_emb = Float32RotaryEmbedding(config=config)
         self.vision_tower = CLIPVisionTower(
             config.clip_vision_config(), config.mm_vision_select_layer, config.mm_vision_select_feature
         )

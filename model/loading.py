@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.utils import logging as hf_logging
 
 from utils.io import atomic_path, atomic_write_json
 
 from .config import READConfig
+from .llava import Float32RotaryEmbedding
 from .constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from .state_dict_check import key_mismatch, listing
 
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 CONFIG_NAME = "config.json"
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_NAMES = ("model.safetensors", "pytorch_model.bin")
+logger = logging.getLogger(__name__)
+
 LEGACY_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 SAM_PREFIX = "model.visual_model."
 FCS_PREFIX = "model.text_hidden_fcs."
@@ -212,7 +215,7 @@ def _token_ids_from_tokenizer(directory: Path) -> dict[str, int]:
 
 def _materialise_buffers(model: "READForCausalLM") -> None:
     """Rebuild the non-persistent buffers a meta-device construction left empty, then refuse any meta tensor."""
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)
+    model.model.rotary_emb = Float32RotaryEmbedding(config=model.config)
     sam = model.model.visual_model
     if sam.pixel_mean.is_meta:
         sam.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1), False)
@@ -271,6 +274,12 @@ def load_read(
     config._attn_implementation = attn
 
     state = read_checkpoint(directory)
+    clip_keys = [k for k in state if CLIP_MARK in k]
+    if clip_keys:
+        # some LLaVA-derived checkpoints carry the frozen CLIP; 4.31 ignored these keys, CLIP comes from its directory
+        logger.warning(f"{directory}: ignoring {len(clip_keys)} CLIP keys in the checkpoint (CLIP is loaded from {clip_dir})")
+        for k in clip_keys:
+            del state[k]
     plain_llava = not any(k.startswith((SAM_PREFIX, FCS_PREFIX)) for k in state)
     if plain_llava and sam_checkpoint is None:
         raise ValueError(
@@ -295,6 +304,11 @@ def load_read(
         model.model.text_hidden_fcs = build_text_hidden_fcs(config.hidden_size, config.out_dim).to(dtype)
     _materialise_buffers(model)
     model.config.dtype = dtype
+    sam_source = f"SAM from {sam_checkpoint}" if plain_llava else "SAM and [SEG] projection from the checkpoint"
+    logger.info(
+        f"loaded READ weights from {directory} ({'plain LLaVA-1.5' if plain_llava else 'READ/SESAME/LISA'}), "
+        f"CLIP from {clip_dir}, {sam_source}; dtype {dtype}, attention {attn}, SasP {config.sasp_config()}"
+    )
     return model.to(device).eval()
 
 

@@ -76,8 +76,25 @@ def build_sam(
     if variant not in SAM_VARIANTS:
         raise ValueError(f"unknown SAM variant {variant!r}; expected one of {sorted(SAM_VARIANTS)}")
     v = SAM_VARIANTS[variant]
+    if checkpoint is not None:
+        # the checkpoint replaces every parameter: skip the random init (~640M parameters for vit_h)
+        with torch.device("meta"):
+            sam = _construct_sam(v)
+        load_sam_checkpoint(sam, checkpoint, variant=variant)
+        if sam.pixel_mean.is_meta:  # non-persistent buffers are not in the checkpoint
+            sam.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1), False)
+            sam.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1), False)
+    else:
+        sam = _construct_sam(v)
+    sam.eval()
+    if dtype is not None:
+        sam.to(dtype)
+    return sam
+
+
+def _construct_sam(v: "SamVariant") -> Sam:
     grid = SAM_IMAGE_SIZE // SAM_PATCH_SIZE
-    sam = Sam(
+    return Sam(
         image_encoder=ImageEncoderViT(
             depth=v.encoder_depth,
             embed_dim=v.encoder_embed_dim,
@@ -113,12 +130,6 @@ def build_sam(
         pixel_mean=list(SAM_PIXEL_MEAN),
         pixel_std=list(SAM_PIXEL_STD),
     )
-    sam.eval()
-    if checkpoint is not None:
-        load_sam_checkpoint(sam, checkpoint, variant=variant)
-    if dtype is not None:
-        sam.to(dtype)
-    return sam
 
 
 def load_sam_checkpoint(sam: Sam, checkpoint: Union[str, Path], variant: str = "?") -> None:

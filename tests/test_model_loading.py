@@ -123,11 +123,40 @@ def test_strict_key_errors_name_the_keys(released, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"lm_head\.weight \(checkpoint \[1003, 65\], model \[1003, 64\]\)"):
         READForCausalLM.from_pretrained(ckpt, vision_tower=clip)
 
-    _edit_shard(ckpt, lambda s: s.__setitem__("lm_head.weight", torch.zeros(1003, 64)))
+
+
+def test_clip_keys_in_a_checkpoint_are_ignored_clip_comes_from_its_directory(released, tmp_path, caplog) -> None:
+    """Spec §1.3: a checkpoint that also carries the (frozen) CLIP loads; the tower is read from its own directory."""
+    ckpt = _copy(released, tmp_path)
     _edit_shard(ckpt, lambda s: s.__setitem__("model.vision_tower.vision_tower.vision_model.pre_layrnorm.weight",
                                               torch.zeros(32)))
-    with pytest.raises(ValueError, match="unexpected keys: model.vision_tower"):
-        READForCausalLM.from_pretrained(ckpt, vision_tower=clip)
+    with caplog.at_level("WARNING", logger="model.loading"):
+        loaded = READForCausalLM.from_pretrained(ckpt, vision_tower=released["clip"])
+    assert "ignoring 1 CLIP keys" in caplog.text
+    _same_state(released["model"], loaded)  # the zeros were not used: CLIP equals the directory's
+
+
+def test_rope_frequencies_stay_float32_when_the_model_is_cast(released) -> None:
+    model = READForCausalLM.from_pretrained(released["ckpt"])
+    reference = model.model.rotary_emb.inv_freq.clone()
+    assert reference.dtype == torch.float32
+    for cast in (torch.bfloat16, torch.float16):
+        rope = model.to(cast).model.rotary_emb
+        assert rope.inv_freq.dtype == torch.float32 and torch.equal(rope.inv_freq, reference)
+        assert model.lm_head.weight.dtype == cast
+
+
+def test_released_config_defaults(tmp_path) -> None:
+    from model.config import READConfig
+
+    base = {"model_type": "llava", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+            "num_attention_heads": 40, "mm_projector_type": "mlp2x_gelu", "mm_vision_tower": "clip"}
+    assert READConfig.from_released_dict(base).sasp_config().num_points == 60  # 13B: the 13B SasP settings
+    seven = dict(base, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+    assert READConfig.from_released_dict(seven).sasp_config().num_points == 30
+    assert READConfig.from_released_dict(dict(base, sasp_preset="read-7b")).sasp_config().num_points == 30
+    no_type = {k: v for k, v in seven.items() if k != "mm_projector_type"}
+    assert READConfig.from_released_dict(no_type).mm_projector_type == "linear"  # LLaVA's builder default
 
 
 def test_missing_files_are_named(released, tmp_path) -> None:
