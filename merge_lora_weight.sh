@@ -42,4 +42,4 @@ python "${HERE}/scripts/merge_lora_weights.py" \
     --save_path "${HF_CKPT_PATH}" \
     --precision "${PRECISION}" \
     --model_max_length "${MODEL_MAX_LENGTH}" \
-    "${EXTRA[@]}" "$@"
+    ${EXTRA[@]+"${EXTRA[@]}"} "$@"

@@ -464,7 +464,7 @@ def cmd_run(args: argparse.Namespace) -> Optional[Scores]:
         "num_images": len(dataset), "version": str(Path(args.version).resolve()), "conv_type": args.conv_type,
         "question_style": args.question_style, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
         "sasp": [args.sasp_preset, args.num_points, args.t_pos, args.t_neg, args.down_sample],
-        "num_shards": shard.num_shards,
+        "num_shards": shard.num_shards, "precision": args.precision, "query_batch_size": args.query_batch_size,
     }
     check_run_config(out_dir, run_config, write=False)  # before the slow model load
     store = PredictionStore(out_dir, shard)

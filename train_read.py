@@ -36,11 +36,14 @@ LOSS_KEYS = ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_loss")
 VAL_METRICS_JSON = "val_metrics.json"
 TRAIN_MIX_VAL = "train_mix"  # validation on fixed draws from the training mixture (dataset/train_val.py)
 TRAIN_MIX_VAL_SAMPLES = 200
-RUN_ARGS_JSON = "run_args.json"  # every flag of a run (+ the resolved SasP settings), next to ckpt_model
+RUN_ARGS_JSON = "run_args.json"
+LORA_DEFAULTS = {"lora_r": 8, "lora_alpha": 16, "lora_target_modules": "q_proj,v_proj"}  # the original's  # every flag of a run (+ the resolved SasP settings), next to ckpt_model
 SASP_MODES = ("released", "paper")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONV_TYPES = ("llava_v1", "llava_llama_2")
 REASON_VAL = "ReasonSeg"
+# refer sets whose every sentence has its object: their answers all hold [SEG] (FP-/R- sets need generation)
+TEACHER_FORCED_REFER = ("refcoco", "refcoco+", "refcocog", "refclef")
 
 
 class UsageError(Exception):
@@ -90,11 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conversation template and the label-masking separator")
 
     g = p.add_argument_group("LoRA and losses")
-    g.add_argument("--lora_r", type=int, default=8, help="LoRA rank; 0 disables LoRA (whole LLM trainable)")
-    g.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha")
+    g.add_argument("--lora_r", type=int, default=None,
+                   help="LoRA rank; 0 disables LoRA (whole LLM trainable). Default 8, or the resumed run's value "
+                        "(run_args.json beside its ckpt_model)")
+    g.add_argument("--lora_alpha", type=int, default=None, help="LoRA alpha (default 16, or the resumed run's)")
     g.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout")
-    g.add_argument("--lora_target_modules", default="q_proj,v_proj",
-                   help="comma-separated name substrings of the LLM Linear layers that get LoRA")
+    g.add_argument("--lora_target_modules", default=None,
+                   help="comma-separated name substrings of the LLM Linear layers that get LoRA (default "
+                        "q_proj,v_proj, or the resumed run's)")
     g.add_argument("--ce_loss_weight", type=float, default=1.0, help="weight of the text cross-entropy")
     g.add_argument("--dice_loss_weight", type=float, default=0.5, help="weight of the mask dice loss")
     g.add_argument("--bce_loss_weight", type=float, default=2.0, help="weight of the mask sigmoid BCE")
@@ -127,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reason_seg_data", default="ReasonSeg|train", help="'<name>|<splits joined by _>'")
     g.add_argument("--num_classes_per_sample", type=int, default=1, help="max queries sampled per training image")
     g.add_argument("--val_dataset", default=REASON_VAL,
-                   help="validation set: ReasonSeg, a refer dataset (refcoco, refcoco+, refcocog, ...) or "
+                   help="validation set: ReasonSeg, refcoco, refcoco+, refcocog, refclef or "
                         "train_mix (fixed draws with masks from the --dataset training mixture; --max_val_samples "
                         "of them, default 200)")
     g.add_argument("--val_split", default="val", help="ReasonSeg: val|test; refer sets: val|test|testA|testB")
@@ -139,7 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (training and validation)")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=20, help="epochs; the LR schedule spans epochs x steps_per_epoch")
+    g.add_argument("--epochs", type=int, default=20, help="epochs to train")
+    g.add_argument("--lr_schedule_epochs", type=int, default=0,
+                   help="length of the WarmupDecayLR schedule in epochs (0: --epochs). The released models were "
+                        "trained ~8 epochs on a 20-epoch schedule: --epochs 8 --lr_schedule_epochs 20")
     g.add_argument("--steps_per_epoch", type=int, default=500, help="optimizer steps per epoch")
     g.add_argument("--batch_size", type=int, default=12, help="batch size per device per step (micro-batch)")
     g.add_argument("--grad_accumulation_steps", type=int, default=1, help="DeepSpeed gradient accumulation")
@@ -230,18 +239,42 @@ def build_sasp_config(args: argparse.Namespace) -> Any:
         raise UsageError(f"SasP flags: {err}") from None
 
 
-def run_sasp_config(args: argparse.Namespace) -> Any:
-    """SasP settings of the training run whose checkpoint is resumed (``<run dir>/run_args.json``), if any."""
-    from model.sasp import SasPConfig
-
-    ckpt_dir = Path(args.resume) if args.resume else Path(args.log_dir) / ckpt.CKPT_DIRNAME
+def resumed_run_args(args: argparse.Namespace) -> tuple[dict, Optional[Path]]:
+    """Flags of the training run whose checkpoint is resumed (``<run dir>/run_args.json``), or ({}, None)."""
     if not (args.resume or args.auto_resume):
-        return None
+        return {}, None
+    ckpt_dir = Path(args.resume) if args.resume else Path(args.log_dir) / ckpt.CKPT_DIRNAME
     path = ckpt_dir.parent / RUN_ARGS_JSON
     if not path.is_file():
-        return None
-    saved = json.loads(path.read_text()).get("sasp")
+        return {}, None
+    try:
+        return json.loads(path.read_text()), path
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: not valid JSON ({err})") from None
+
+
+def run_sasp_config(args: argparse.Namespace) -> Any:
+    """SasP settings of the training run whose checkpoint is resumed, if any."""
+    from model.sasp import SasPConfig
+
+    saved = resumed_run_args(args)[0].get("sasp")
     return SasPConfig(**saved) if saved else None
+
+
+def resolve_lora_settings(args: argparse.Namespace) -> None:
+    """Unset LoRA flags take the resumed run's values (else the original defaults); a conflicting flag stops.
+
+    A checkpoint's adapters only load into the same rank and targets, and a different alpha would silently rescale
+    the LoRA update, so the run's own settings are authoritative.
+    """
+    saved, path = resumed_run_args(args)
+    for name, default in LORA_DEFAULTS.items():
+        given = getattr(args, name)
+        if given is not None and name in saved and saved[name] is not None and given != saved[name]:
+            raise UsageError(f"--{name} {given!r} differs from the resumed run's {saved[name]!r} ({path}); "
+                             "drop the flag to use the run's value")
+        if given is None:
+            setattr(args, name, saved.get(name) if saved.get(name) is not None else default)
 
 
 def stored_sasp_config(version: str) -> Any:
@@ -284,8 +317,11 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("epochs", "steps_per_epoch", "batch_size", "grad_accumulation_steps", "print_freq", "image_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    resolve_lora_settings(args)
     if args.workers < 0 or args.max_val_samples < 0 or args.lora_r < 0:
         raise UsageError("--workers, --max_val_samples and --lora_r must be >= 0")
+    if args.lr_schedule_epochs < 0:
+        raise UsageError(f"--lr_schedule_epochs must be >= 0 (0: --epochs), got {args.lr_schedule_epochs}")
     if args.warmup_steps < 1:
         raise UsageError(f"--warmup_steps must be >= 1 (DeepSpeed's WarmupDecayLR), got {args.warmup_steps}")
     if args.use_wandb:
@@ -318,6 +354,11 @@ def check_args(args: argparse.Namespace) -> None:
                              "naming an existing tag directory)")
     if args.conv_type not in CONV_TYPES:
         raise UsageError(f"--conv_type must be one of {CONV_TYPES}")
+    if args.val_dataset not in (REASON_VAL, TRAIN_MIX_VAL, *TEACHER_FORCED_REFER):
+        hint = (" (false-premise / negative sets are scored by generation: use test_read.py)"
+                if args.val_dataset.lower().startswith(("fp", "r-")) else "")
+        raise UsageError(f"--val_dataset: {args.val_dataset!r} cannot be validated with teacher forcing{hint}; "
+                         f"expected {REASON_VAL}, {TRAIN_MIX_VAL} or one of {', '.join(TEACHER_FORCED_REFER)}")
     args.sasp = build_sasp_config(args)
     if not os.path.isdir(args.dataset_dir):
         raise UsageError(f"--dataset_dir: directory not found: {args.dataset_dir!r}")
@@ -373,7 +414,6 @@ def build_train_dataset(args: argparse.Namespace, env: DistEnv, config: Any) -> 
 def build_val_data(args: argparse.Namespace) -> ValData:
     """TestReasoningDataset / TestReferDataset in val mode (answers in the prompt: teacher forcing)."""
     from dataset.preprocess import ImagePreprocessor
-    from dataset.refer import REFER_DATASETS
     from dataset.validation import TestReasoningDataset, TestReferDataset
 
     pre = ImagePreprocessor(sam_size=args.image_size)
@@ -386,7 +426,7 @@ def build_val_data(args: argparse.Namespace) -> ValData:
 
             subset_of = ["long" if read_reason_annotation(json_for(p), REASON_VAL).is_sentence else "short"
                          for p in ds.images]
-    elif args.val_dataset in REFER_DATASETS:
+    elif args.val_dataset in TEACHER_FORCED_REFER:
         if args.val_subsets:
             raise UsageError("--val_subsets applies to ReasonSeg only (short/long queries)")
         ds = TestReferDataset(args.dataset_dir, pre, args.val_dataset, split=args.val_split, mode="val",
@@ -403,7 +443,7 @@ def build_val_data(args: argparse.Namespace) -> ValData:
         subset_of = None
     else:
         raise UsageError(f"--val_dataset: unknown validation set {args.val_dataset!r}; expected {REASON_VAL}, "
-                         f"{TRAIN_MIX_VAL} or one of {', '.join(REFER_DATASETS)}")
+                         f"{TRAIN_MIX_VAL} or one of {', '.join(TEACHER_FORCED_REFER)}")
     if args.max_val_samples and len(ds) > args.max_val_samples:
         ds = torch.utils.data.Subset(ds, range(args.max_val_samples))
         subset_of = subset_of[: args.max_val_samples] if subset_of else None
@@ -462,7 +502,7 @@ def build_ds_config(args: argparse.Namespace, eval_only: bool = False) -> dict:
         "scheduler": {
             "type": "WarmupDecayLR",
             "params": {
-                "total_num_steps": args.epochs * args.steps_per_epoch,
+                "total_num_steps": (args.lr_schedule_epochs or args.epochs) * args.steps_per_epoch,
                 "warmup_min_lr": 0,
                 "warmup_max_lr": args.lr,
                 "warmup_num_steps": args.warmup_steps,

@@ -43,7 +43,8 @@ MODEL_MAX_LENGTH="${MODEL_MAX_LENGTH:-2048}"
 BATCH_SIZE="${BATCH_SIZE:-2}"
 GRAD_ACCUMULATION_STEPS="${GRAD_ACCUMULATION_STEPS:-10}"
 NUM_CLASSES_PER_SAMPLE="${NUM_CLASSES_PER_SAMPLE:-3}"
-EPOCHS="${EPOCHS:-8}"
+EPOCHS="${EPOCHS:-8}"                    # the README's "about 8 epochs" ...
+LR_SCHEDULE_EPOCHS="${LR_SCHEDULE_EPOCHS:-20}"  # ... on the original's 20-epoch LR schedule (its --epochs default)
 REASONSEG_MIX="sem_seg||refer_seg||correct_refer_seg||vqa||neg_refer_seg||reason_seg"
 REFERSEG_MIX="refer_seg||correct_refer_seg||vqa||neg_refer_seg"
 
@@ -101,7 +102,7 @@ CMD=("${LAUNCH[@]}" train_read.py
      --vision_tower "$VISION_TOWER" --dataset_dir "$DATASET_DIR" --log_base_dir "$LOG_BASE_DIR"
      --model_max_length "$MODEL_MAX_LENGTH" --batch_size "$BATCH_SIZE"
      --grad_accumulation_steps "$GRAD_ACCUMULATION_STEPS" --num_classes_per_sample "$NUM_CLASSES_PER_SAMPLE"
-     --epochs "$EPOCHS" --auto_resume
+     --epochs "$EPOCHS" --lr_schedule_epochs "$LR_SCHEDULE_EPOCHS" --auto_resume
      "${ARGS[@]}")
 [[ -n "$DS_CONFIG" ]] && CMD+=(--deepspeed_config "$DS_CONFIG")
 CMD+=("$@")

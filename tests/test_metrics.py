@@ -14,6 +14,7 @@ from utils.metrics import (
     batch_intersection_and_union,
     giou_ciou,
     intersection_and_union,
+    reduce_meters,
 )
 
 
@@ -121,3 +122,41 @@ def test_average_meter_vector_and_strings():
     assert v.summary() == "Union 6.000"
     p = ProgressMeter(500, [m], prefix="Epoch: [0]")
     assert p.line(7) == "Epoch: [0][  7/500]\tloss 4.0000 (2.5000)"
+
+
+def _reduce_worker(rank: int, port: int, out_dir: str) -> None:
+    """Rank 0 sees one image in the "short" subset, rank 1 none: the reduction must still line up."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        meters = {"all": SegmentationMeter(), "short": SegmentationMeter()}
+        gt = torch.tensor([[[1, 1], [0, 0]]])
+        pred = torch.tensor([[[1.0, -1.0], [-1.0, -1.0]]])  # I = 1, U = 2 for the foreground
+        meters["all"].update(pred, gt)
+        if rank == 0:
+            meters["short"].update(pred, gt)
+        result = reduce_meters(meters)
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_meters_reduce_when_a_rank_saw_nothing(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_reduce_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["all"]["num_masks"] == 2 and result["all"]["ciou"] == pytest.approx(2 / 4)
+        assert result["short"]["num_masks"] == 1 and result["short"]["ciou"] == pytest.approx(1 / 2)
+        assert result["short"]["giou"] == pytest.approx(0.5 / (1 + 1e-5), rel=1e-4)

@@ -57,7 +57,9 @@ def _error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
         (("--resume", "/nonexistent/run"), "--resume: checkpoint directory not found"),
         (("--deepspeed_config", "/nonexistent/ds.json"), "--deepspeed_config: file not found"),
         (("--val_batch_size", "2"), "--val_batch_size must be 1"),
-        (("--val_dataset", "pascal"), "--val_dataset: unknown validation set 'pascal'"),
+        (("--val_dataset", "pascal"), "--val_dataset: 'pascal' cannot be validated with teacher forcing"),
+        (("--val_dataset", "fprefcoco"), "false-premise / negative sets are scored by generation: use test_read.py"),
+        (("--val_dataset", "R-refcoco+"), "false-premise / negative sets are scored by generation: use test_read.py"),
         (("--no-use_released_param",), "already holds SAM weights"),
     ],
 )
@@ -122,6 +124,8 @@ def test_ds_config_matches_original_and_override():
         "total_num_steps": 4000, "warmup_min_lr": 0, "warmup_max_lr": 1e-4, "warmup_num_steps": 100,
         "warmup_type": "linear"}}
     assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
+    released = train_read.parse_args(["--epochs", "8", "--lr_schedule_epochs", "20", "--steps_per_epoch", "500"])
+    assert train_read.build_ds_config(released)["scheduler"]["params"]["total_num_steps"] == 10000
     assert cfg["gradient_clipping"] == 1.0
     assert cfg["zero_optimization"] == {"stage": 2, "contiguous_gradients": True, "overlap_comm": True,
                                         "reduce_scatter": True, "reduce_bucket_size": 5e8,
@@ -228,3 +232,20 @@ def test_validation_on_fixed_draws_from_the_training_mix(tiny_dirs, synthetic_da
     n = sum(val.dataset[i][4].shape[0] for i in range(3))
     assert engine.calls == 3 and report["num_masks"] == n
     assert report["ciou"] == pytest.approx(1.0) and report["giou"] == pytest.approx(n / (n + 1e-5))
+
+
+def test_resumed_run_supplies_its_lora_settings(tiny_dirs, synthetic_root, tmp_path, capsys, no_model):
+    """--eval_only --resume on an r=4/alpha=8 run: unset LoRA flags take the run's values, a conflicting one stops."""
+    run = tmp_path / "run"
+    (run / "ckpt_model" / "global_step3").mkdir(parents=True)
+    (run / "ckpt_model" / "latest").write_text("global_step3")
+    (run / "run_args.json").write_text(json.dumps({"lora_r": 4, "lora_alpha": 8, "lora_target_modules": "q_proj"}))
+    argv = _base(tiny_dirs, synthetic_root, tmp_path) + ["--eval_only", "--resume", str(run / "ckpt_model")]
+    args = train_read.parse_args(argv)
+    train_read.check_args(args)
+    assert (args.lora_r, args.lora_alpha, args.lora_target_modules) == (4, 8, "q_proj")
+    fresh = train_read.parse_args(_base(tiny_dirs, synthetic_root, tmp_path))
+    train_read.check_args(fresh)
+    assert (fresh.lora_r, fresh.lora_alpha, fresh.lora_target_modules) == (8, 16, "q_proj,v_proj")
+    msg = _error(capsys, argv + ["--lora_alpha", "16"])
+    assert "--lora_alpha 16 differs from the resumed run's 8" in msg

@@ -81,16 +81,20 @@ Number = Union[float, np.ndarray]
 class AverageMeter:
     """Running sum/count/avg of a scalar or a vector, with an all-reduce over the process group."""
 
-    def __init__(self, name: str, fmt: str = ":f", summary_type: Summary = Summary.AVERAGE) -> None:
+    def __init__(
+        self, name: str, fmt: str = ":f", summary_type: Summary = Summary.AVERAGE, size: Optional[int] = None
+    ) -> None:
         self.name = name
         self.fmt = fmt
         self.summary_type = summary_type
+        self.size = size  # a vector meter starts as zeros, so every rank all-reduces the same length
         self.reset()
 
     def reset(self) -> None:
-        self.val: Number = 0.0
-        self.avg: Number = 0.0
-        self.sum: Number = 0.0
+        zero: Number = np.zeros(self.size) if self.size else 0.0
+        self.val = zero
+        self.avg = zero
+        self.sum = zero
         self.count: float = 0.0
 
     def update(self, val: Union[Number, torch.Tensor], n: float = 1) -> None:
@@ -161,9 +165,9 @@ class ProgressMeter:
 class SegmentationMeter:
     """gIoU / cIoU over a split: Intersec and Union per image (n=1), per-mask IoU sums in gIoU (n=#masks)."""
 
-    intersection: AverageMeter = field(default_factory=lambda: AverageMeter("Intersec", ":6.3f", Summary.SUM))
-    union: AverageMeter = field(default_factory=lambda: AverageMeter("Union", ":6.3f", Summary.SUM))
-    giou_meter: AverageMeter = field(default_factory=lambda: AverageMeter("gIoU", ":6.3f", Summary.SUM))
+    intersection: AverageMeter = field(default_factory=lambda: AverageMeter("Intersec", ":6.3f", Summary.SUM, size=2))
+    union: AverageMeter = field(default_factory=lambda: AverageMeter("Union", ":6.3f", Summary.SUM, size=2))
+    giou_meter: AverageMeter = field(default_factory=lambda: AverageMeter("gIoU", ":6.3f", Summary.SUM, size=2))
 
     def update(self, pred_logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         """Add one image's N masks (logits > 0 are foreground; GT may hold 255); returns the N foreground IoUs."""
