@@ -4,13 +4,20 @@ training dataset.
 Each dataset is ``<dataset_dir>/refer_seg/<name>/refs(<split_by>).p`` (pickled list of refs) plus
 ``instances.json`` (COCO-style images/annotations/categories). Masks are decoded with pycocotools exactly as the
 original REFER API did (overlapping polygons/RLEs are summed, so overlaps read 2); the compressed RLE of every
-annotation is computed once and recently decoded masks are kept in a bounded cache.
+annotation is computed once and kept. Decoded masks are cached only up to ``mask_cache_bytes``: a small bounded
+cache (:data:`EVAL_MASK_CACHE_BYTES`) for a bare :class:`ReferIndex` (the evaluation sets, which read every sentence
+of an image in turn), none by default for the training :class:`ReferSegDataset` (random draws over ~10 sources
+rarely hit it, and every source in every DataLoader worker of every rank would hold its own copy).
+
+Training samples whose image does not have the instances.json size are skipped with a warning and redrawn
+(at most :data:`MAX_DRAWS` draws); the evaluation sets still raise :class:`DatasetError` for such an image.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +30,7 @@ from torch.utils.data import Dataset
 
 from dataset.conversation import render_prompt
 from dataset.errors import DatasetError
-from dataset.preprocess import ImagePreprocessor, sam_mask_shape
+from dataset.preprocess import ImagePreprocessor, PreparedImage, sam_mask_shape
 from dataset.qa_templates import (
     CORRECT_ANSWER_TEMPLATE,
     NEG_ANSWER_TEMPLATE,
@@ -48,6 +55,11 @@ REFER_DATASETS: tuple[str, ...] = (
 FP_REFER_DATASETS: tuple[str, ...] = ("fprefcoco", "fprefcoco+", "fprefcocog")
 COCO_IMAGE_DIR = "images/mscoco/images/train2014"
 REFCLEF_IMAGE_DIR = "images/saiapr_tc-12"
+
+# Decoded-mask cache of a ReferIndex built directly (validation / test sets: the sentences of one image share masks).
+EVAL_MASK_CACHE_BYTES = 32 << 20
+# Training images whose size does not match instances.json are redrawn; this bounds the loop (as in sem_seg.py).
+MAX_DRAWS = 100
 
 
 def split_by_for(name: str) -> str:
@@ -159,9 +171,13 @@ class ReferQuery:
 
 
 class ReferIndex:
-    """One refer dataset: refs, annotations, image records and cached masks."""
+    """One refer dataset: refs, annotations, image records, the compressed RLE of every decoded annotation, and an
+    LRU cache of decoded masks bounded by ``mask_cache_bytes`` (0 disables it; default
+    :data:`EVAL_MASK_CACHE_BYTES`, what the evaluation sets use)."""
 
-    def __init__(self, dataset_dir: "str | Path", name: str, mask_cache_bytes: int = 256 << 20) -> None:
+    def __init__(self, dataset_dir: "str | Path", name: str, mask_cache_bytes: int = EVAL_MASK_CACHE_BYTES) -> None:
+        if mask_cache_bytes < 0:
+            raise ValueError(f"mask_cache_bytes must be >= 0, got {mask_cache_bytes}")
         if name not in REFER_DATASETS:
             raise DatasetError(f"unknown refer dataset {name!r}; expected one of {', '.join(REFER_DATASETS)}")
         self.name = name
@@ -289,7 +305,8 @@ class ReferIndex:
 
     def ann_mask(self, ann_ids: "int | Sequence[int]", image_id: int) -> np.ndarray:
         """uint8 [H, W] mask of one annotation (values 0/1, 2 where its parts overlap); several ids are OR-ed
-        (as the original's list branch did) and any -1 gives an empty mask. Returned arrays are read-only."""
+        (as the original's list branch did) and any -1 gives an empty mask. Returned arrays are read-only; they are
+        kept in the decoded-mask cache only if ``mask_cache_bytes`` allows (never when it is 0)."""
         key = (int(ann_ids),) if isinstance(ann_ids, (int, np.integer)) else tuple(int(a) for a in ann_ids)
         if key in self._decoded:
             self._decoded.move_to_end(key)
@@ -338,14 +355,22 @@ def refer_question(rng: np.random.Generator, query: ReferQuery) -> str:
     return choose(rng, SHORT_QUESTION_TEMPLATE).format(class_name=query.sentence.lower())
 
 
-def check_image_matches(prepared_size: tuple[int, int], index: ReferIndex, image_id: int) -> None:
-    """Masks are decoded at the instances.json size, so the jpg must have that size."""
+def image_size_mismatch(prepared_size: tuple[int, int], index: ReferIndex, image_id: int) -> Optional[str]:
+    """None if the decoded jpg has the instances.json size (masks are decoded at that size), else the message."""
     expected = index.image_size(image_id)
-    if tuple(prepared_size) != expected:
-        raise DatasetError(
-            f"{index.name}: image {index.image_path(image_id)} is {prepared_size[0]}x{prepared_size[1]} (HxW) but "
-            f"{index.instances_path} says {expected[0]}x{expected[1]}"
-        )
+    if tuple(prepared_size) == expected:
+        return None
+    return (
+        f"{index.name}: image {index.image_path(image_id)} is {prepared_size[0]}x{prepared_size[1]} (HxW) but "
+        f"{index.instances_path} says {expected[0]}x{expected[1]}"
+    )
+
+
+def check_image_matches(prepared_size: tuple[int, int], index: ReferIndex, image_id: int) -> None:
+    """Raise :class:`DatasetError` if the jpg does not have the instances.json size (evaluation sets: never skip)."""
+    problem = image_size_mismatch(prepared_size, index, image_id)
+    if problem is not None:
+        raise DatasetError(problem)
 
 
 class ReferSegDataset(Dataset):
@@ -354,6 +379,13 @@ class ReferSegDataset(Dataset):
     Each sample picks a dataset uniformly, then one of its training images uniformly, and turns up to
     ``num_classes_per_sample`` of that image's sentences into conversations. Existing objects get a ``[SEG]``
     answer and a mask; FP-* false premises get a correction, R-* negatives a denial (no mask, no ``[SEG]``).
+
+    A drawn image whose size differs from its instances.json record is skipped: one warning naming the path and
+    both sizes, ``skipped_images`` counts it, and the same ``rng`` draws again (at most :data:`MAX_DRAWS` draws,
+    then :class:`DatasetError`). ``build`` (one given image) still raises for it.
+
+    ``mask_cache_bytes`` is the decoded-mask cache of each source; 0 (default) keeps only the compressed RLEs,
+    so host memory does not grow with sources x DataLoader workers x ranks. Raise it to trade memory for decoding.
     """
 
     def __init__(
@@ -366,12 +398,13 @@ class ReferSegDataset(Dataset):
         samples_per_epoch: Optional[int] = None,
         seed: int = 0,
         split: str = "train",
+        mask_cache_bytes: int = 0,
     ) -> None:
         self.preprocessor = preprocessor or ImagePreprocessor()
         self.names = [n for n in refer_seg_data.split("||") if n]
         if not self.names:
             raise ValueError(f"refer_seg_data lists no dataset: {refer_seg_data!r}")
-        self.indexes = [ReferIndex(dataset_dir, n) for n in self.names]
+        self.indexes = [ReferIndex(dataset_dir, n, mask_cache_bytes=mask_cache_bytes) for n in self.names]
         self.queries = [ix.queries_by_image(split) for ix in self.indexes]
         self.image_ids = [sorted(q) for q in self.queries]
         for index, ids in zip(self.indexes, self.image_ids):
@@ -381,6 +414,7 @@ class ReferSegDataset(Dataset):
         self.template = template
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
+        self.skipped_images = 0  # draws skipped for an image/annotation size mismatch (per process: each worker)
 
     def __len__(self) -> int:
         return self.samples_per_epoch if self.samples_per_epoch is not None else sum(map(len, self.image_ids))
@@ -389,15 +423,32 @@ class ReferSegDataset(Dataset):
         return self.sample(np.random.default_rng([self.seed, idx]))
 
     def sample(self, rng: np.random.Generator) -> tuple:
-        d = int(rng.integers(len(self.names)))
-        image_id = self.image_ids[d][int(rng.integers(len(self.image_ids[d])))]
-        return self.build(d, image_id, rng)
+        """Draw dataset and image with ``rng``; an image whose size does not match its annotation is skipped."""
+        for _ in range(MAX_DRAWS):
+            d = int(rng.integers(len(self.names)))
+            image_id = self.image_ids[d][int(rng.integers(len(self.image_ids[d])))]
+            index = self.indexes[d]
+            prepared = self.preprocessor.load(index.image_path(image_id), self.names[d])
+            problem = image_size_mismatch(prepared.original_size, index, image_id)
+            if problem is None:
+                return self._assemble(d, image_id, prepared, rng)
+            self.skipped_images += 1
+            warnings.warn(f"{problem}; skipping this training image and drawing another")
+        raise DatasetError(
+            f"refer_seg ({'||'.join(self.names)}): no image with the size its instances.json records in "
+            f"{MAX_DRAWS} draws; check the images against {', '.join(str(ix.instances_path) for ix in self.indexes)}"
+        )
 
     def build(self, dataset_index: int, image_id: int, rng: np.random.Generator) -> tuple:
+        """The training 7-tuple of one given image (raises :class:`DatasetError` if its size is wrong)."""
+        index, name = self.indexes[dataset_index], self.names[dataset_index]
+        prepared = self.preprocessor.load(index.image_path(image_id), name)
+        check_image_matches(prepared.original_size, index, image_id)
+        return self._assemble(dataset_index, image_id, prepared, rng)
+
+    def _assemble(self, dataset_index: int, image_id: int, prepared: PreparedImage, rng: np.random.Generator) -> tuple:
         index, name = self.indexes[dataset_index], self.names[dataset_index]
         image_path = index.image_path(image_id)
-        prepared = self.preprocessor.load(image_path, name)
-        check_image_matches(prepared.original_size, index, image_id)
         sampled = select_items(rng, self.queries[dataset_index][image_id], self.num_classes_per_sample)
         conversations = []
         for q in sampled:

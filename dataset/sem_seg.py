@@ -9,7 +9,9 @@ Deliberate differences from the original (data.md §8): class files are found ne
 working directory); paths are joined from stems (never string-replaced in the whole path); ignored classes
 (COCO-Stuff ``*-*`` classes, Mapillary ``unlabeled``) are never used as queries, neither as positives nor as
 "absent" negatives; a denial/correction sample never indexes past the available negatives; empty-mask tensors have
-the shape (0, H, W) and every mask is uint8.
+the shape (0, H, W) and every mask is uint8. A drawn image whose label/annotation size differs from the image is
+skipped with a warning and redrawn (like an undecodable mask, at most :data:`MAX_DRAWS` draws) instead of stopping
+training; :meth:`SemSegDataset.build` on one given draw still raises :class:`DatasetError` for it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.utils.data import Dataset
 
 from dataset.conversation import render_prompt
 from dataset.errors import DatasetError, require_path
-from dataset.preprocess import ImagePreprocessor, sam_mask_shape
+from dataset.preprocess import ImagePreprocessor, PreparedImage, sam_mask_shape
 from dataset.qa_templates import (
     CORRECT_ANSWER_TEMPLATE,
     NEG_ANSWER_TEMPLATE,
@@ -51,7 +53,9 @@ TRUE_PREMISE, DENIAL, CORRECTION = "true_premise", "denial", "correction"
 SEM_SEG_MODES: tuple[str, ...] = (TRUE_PREMISE, DENIAL, CORRECTION)
 SEM_SEG_MODE_PROBS: tuple[float, ...] = (0.85, 0.07, 0.08)
 
-MAX_DRAWS = 100  # images without any usable class are redrawn; this bounds the loop (original: unbounded recursion)
+# Images without any usable class, with an undecodable mask or with a label/image size mismatch are redrawn; this
+# bounds the loop (original: unbounded recursion).
+MAX_DRAWS = 100
 
 SEM_SEG_TREE = """\
 <dataset_dir>/
@@ -393,6 +397,17 @@ def parse_sem_seg_data(sem_seg_data: str, flag: str = "--sem_seg_data") -> list[
 # ----------------------------------------------------------------------------------------------- dataset
 
 
+def size_mismatch(source: str, draw: SegDraw, prepared: PreparedImage) -> Optional[str]:
+    """None if the draw's masks have the decoded image's size, else a message naming the path and both sizes."""
+    h, w = int(draw.masks.shape[1]), int(draw.masks.shape[2])
+    if (h, w) == tuple(prepared.original_size):
+        return None
+    return (
+        f"{source}: annotation of {draw.image_path} is {h}x{w} (HxW) but the image is "
+        f"{prepared.original_size[0]}x{prepared.original_size[1]}"
+    )
+
+
 class SemSegDataset(Dataset):
     """Training semantic/part segmentation over the ``||``-separated sources of ``sem_seg_data``.
 
@@ -400,6 +415,9 @@ class SemSegDataset(Dataset):
     correction 0.08). True premise: k questions about present classes, each answered with one ``[SEG]``, and the
     k masks. Denial / correction: k questions about absent classes, answered "not here" (denial) or "not here, but
     there is <present class>" (correction), no masks, ``exists`` all False.
+
+    A drawn image whose masks do not have the image's size is skipped: one warning naming the image path and both
+    sizes, ``skipped_images`` counts it, and the same ``rng`` draws again (within the :data:`MAX_DRAWS` bound).
     """
 
     def __init__(
@@ -424,6 +442,7 @@ class SemSegDataset(Dataset):
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
         self.mode_probs = np.asarray(mode_probs, dtype=np.float64) / float(np.sum(mode_probs))
+        self.skipped_images = 0  # draws skipped for a label/image size mismatch (per process: each worker)
 
     def __len__(self) -> int:
         return self.samples_per_epoch if self.samples_per_epoch is not None else sum(map(len, self.sources))
@@ -432,12 +451,20 @@ class SemSegDataset(Dataset):
         return self.sample(np.random.default_rng([self.seed, idx]))
 
     def sample(self, rng: np.random.Generator) -> tuple:
-        """Draw source, image and mode with ``rng`` only; images without a usable class are redrawn."""
+        """Draw source, image and mode with ``rng`` only; images without a usable class, with an undecodable mask
+        or whose annotation size differs from the image (warned and counted in ``skipped_images``) are redrawn."""
         for _ in range(MAX_DRAWS):
             s = int(rng.integers(len(self.sources)))
             draw = self.sources[s].draw(rng, self.num_classes_per_sample)
-            if draw is not None:
-                return self.build(self.names[s], draw, self.draw_mode(rng), rng)
+            if draw is None:
+                continue
+            mode = self.draw_mode(rng)
+            prepared = self.preprocessor.load(draw.image_path, self.names[s])
+            problem = size_mismatch(self.names[s], draw, prepared)
+            if problem is None:
+                return self._assemble(draw, mode, prepared, rng)
+            self.skipped_images += 1
+            warnings.warn(f"{problem}; skipping this training image and drawing another")
         raise DatasetError(f"sem_seg: no usable image in {MAX_DRAWS} draws from {'||'.join(self.names)}")
 
     def draw_mode(self, rng: np.random.Generator) -> str:
@@ -445,18 +472,22 @@ class SemSegDataset(Dataset):
         return SEM_SEG_MODES[int(rng.choice(len(SEM_SEG_MODES), p=self.mode_probs))]
 
     def build(self, source: str, draw: SegDraw, mode: str, rng: np.random.Generator) -> tuple:
-        """Turn a draw into the training 7-tuple for ``mode`` (falls back to true premise without negatives)."""
+        """Turn a draw into the training 7-tuple for ``mode`` (falls back to true premise without negatives).
+
+        Raises :class:`DatasetError` if the draw's masks do not have the image's size (``sample`` redraws instead).
+        """
         if mode not in SEM_SEG_MODES:
             raise ValueError(f"unknown sem_seg mode {mode!r}; expected one of {SEM_SEG_MODES}")
+        prepared = self.preprocessor.load(draw.image_path, source)
+        problem = size_mismatch(source, draw, prepared)
+        if problem is not None:
+            raise DatasetError(problem)
+        return self._assemble(draw, mode, prepared, rng)
+
+    def _assemble(self, draw: SegDraw, mode: str, prepared: PreparedImage, rng: np.random.Generator) -> tuple:
         if mode != TRUE_PREMISE and not draw.negatives:
             mode = TRUE_PREMISE  # every class of the source is present: nothing can be denied
-        prepared = self.preprocessor.load(draw.image_path, source)
         h, w = int(draw.masks.shape[1]), int(draw.masks.shape[2])
-        if (h, w) != tuple(prepared.original_size):
-            raise DatasetError(
-                f"{source}: annotation of {draw.image_path} is {h}x{w} (HxW) but the image is "
-                f"{prepared.original_size[0]}x{prepared.original_size[1]}"
-            )
         positives = draw.positives if mode == TRUE_PREMISE else draw.positives[: len(draw.negatives)]
         turns = []
         for j, text in enumerate(positives):

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from dataset.errors import DatasetError
+from dataset.fp_test import FPTestDataset
 from dataset.preprocess import ImagePreprocessor
 from dataset.qa_templates import CORRECT_ANSWER_TEMPLATE, NEG_ANSWER_TEMPLATE, SHORT_ANSWER_TEMPLATE
+import dataset.refer as refer_module
 from dataset.refer import (
+    EVAL_MASK_CACHE_BYTES,
     REFER_DATASETS,
     ReferIndex,
     ReferSegDataset,
@@ -149,6 +154,27 @@ def test_masks_are_cached_and_read_only(refer) -> None:
     assert a is b and not a.flags.writeable
     tiny = ReferIndex(root, "refcoco", mask_cache_bytes=1)  # cache too small: still decodes correctly
     assert np.array_equal(tiny.ann_mask(ref["ann_id"], ref["image_id"]), a) and len(tiny._decoded) == 0
+    assert ix.mask_cache_bytes == EVAL_MASK_CACHE_BYTES <= 64 << 20  # evaluation sets: small and bounded
+    with pytest.raises(ValueError, match="mask_cache_bytes"):
+        ReferIndex(root, "refcoco", mask_cache_bytes=-1)
+
+
+def test_training_keeps_no_decoded_masks_by_default(refer) -> None:
+    root, _ = refer
+    names = "refclef||refcoco||refcocog||fprefcoco"
+    ds = ReferSegDataset(root, SMALL, refer_seg_data=names, num_classes_per_sample=3)
+    n_masks = sum(ds[idx][4].shape[0] for idx in range(10))
+    assert n_masks > 0  # masks were decoded...
+    for ix in ds.indexes:  # ...but only the compressed RLEs stay
+        assert ix.mask_cache_bytes == 0 and len(ix._decoded) == 0 and ix._decoded_bytes == 0
+    assert any(ix._rles for ix in ds.indexes)
+    cached = ReferSegDataset(root, SMALL, refer_seg_data=names, num_classes_per_sample=3, mask_cache_bytes=8 << 20)
+    for idx in range(10):
+        out = ds[idx]
+        again = cached[idx]
+        assert again[0] == out[0] and torch.equal(again[4], out[4])  # same samples with or without the cache
+    assert sum(len(ix._decoded) for ix in cached.indexes) > 0
+    assert all(0 < ix._decoded_bytes <= 8 << 20 for ix in cached.indexes if ix._decoded)
 
 
 def test_list_ann_ids_are_or_combined_and_minus_one_is_empty(refer) -> None:
@@ -327,6 +353,63 @@ def test_image_size_mismatch_is_reported(refer, tmp_path) -> None:
     msg = r"refcoco: image .*COCO_train2014_\d{12}\.jpg is \d+x\d+ \(HxW\) but .*instances\.json says"
     with pytest.raises(DatasetError, match=msg):
         ds[0]
+
+
+def _copy_refcoco_with_images(root: Path, tmp: Path) -> None:
+    _copy_dataset(root, tmp, "refcoco")
+    shutil.rmtree(tmp / "refer_seg" / "images")
+    shutil.copytree(root / "refer_seg" / "images" / "mscoco", tmp / "refer_seg" / "images" / "mscoco")
+
+
+def _overwrite_with_other_size(path: Path) -> tuple[int, int]:
+    """Write a JPEG 7 rows taller and 5 columns wider over ``path``; return the original (H, W)."""
+    h, w = cv2.imread(str(path)).shape[:2]
+    assert cv2.imwrite(str(path), np.full((h + 7, w + 5, 3), 127, np.uint8))
+    return h, w
+
+
+def test_training_skips_an_image_of_the_wrong_size(refer, tmp_path) -> None:
+    root, summary = refer
+    _copy_refcoco_with_images(root, tmp_path)
+    ds = ReferSegDataset(tmp_path, SMALL, refer_seg_data="refcoco", num_classes_per_sample=2)
+    victim = Path(ds[0][0])
+    h, w = _overwrite_with_other_size(victim)
+    msg = rf"refcoco: image {re.escape(str(victim))} is {h + 7}x{w + 5} \(HxW\) but .*instances\.json says {h}x{w}"
+    with pytest.warns(UserWarning, match=msg) as record:
+        path, image, clip, convs, masks, shape, exists = ds[0]
+    skipped = [r for r in record if "skipping this training image" in str(r.message)]
+    assert len(skipped) == ds.skipped_images >= 1 and all(str(victim) in str(r.message) for r in skipped)
+    # a well-formed sample of another image
+    assert path != str(victim) and Path(path).is_file()
+    assert image.shape == (3, 64, 64) and clip.shape == (3, 28, 28)
+    assert 1 <= len(convs) == len(exists) <= 2 and sum(c.count("[SEG]") for c in convs) == masks.shape[0] == sum(exists)
+    assert masks.dtype == torch.uint8 and tuple(masks.shape[1:]) == shape[1] == cv2.imread(path).shape[:2]
+    for m in masks:
+        assert any(np.array_equal(m.numpy(), e) for e in summary["coco"]["ann_masks"].values())
+    with pytest.warns(UserWarning, match=msg):
+        assert ds[0][0] == path  # still a function of (seed, idx)
+    # validation and test sets must not skip images: they stop on it, naming the path
+    val = TestReferDataset(tmp_path, SMALL, "refcoco", "train")
+    fp = FPTestDataset(tmp_path, SMALL, "refcoco", split="train")
+    k = [val.index.image_path(i) for i in val.image_ids].index(victim)
+    for eval_set in (val, fp):
+        with pytest.raises(DatasetError, match=msg):
+            eval_set[k]
+    with pytest.raises(DatasetError, match=msg):  # building that given image for training raises as well
+        ds.build(0, val.image_ids[k], np.random.default_rng(0))
+
+
+def test_training_redraws_are_bounded(refer, tmp_path, monkeypatch) -> None:
+    root, _ = refer
+    _copy_refcoco_with_images(root, tmp_path)
+    ds = ReferSegDataset(tmp_path, SMALL, refer_seg_data="refcoco")
+    for image_id in ds.image_ids[0]:
+        _overwrite_with_other_size(ds.indexes[0].image_path(image_id))
+    monkeypatch.setattr(refer_module, "MAX_DRAWS", 4)
+    with pytest.warns(UserWarning, match="skipping this training image"):
+        with pytest.raises(DatasetError, match=r"refer_seg \(refcoco\): no image with the size .* in 4 draws"):
+            ds[0]
+    assert ds.skipped_images == 4
 
 
 # ---------------------------------------------------------------- validation / test

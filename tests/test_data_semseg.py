@@ -5,15 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import dataset.sem_seg as sem_seg_module
 from dataset.errors import DatasetError
+from dataset.preprocess import ImagePreprocessor
 from dataset.qa_templates import CORRECT_ANSWER_TEMPLATE, NEG_ANSWER_TEMPLATE, SHORT_ANSWER_TEMPLATE
 from dataset.sem_seg import (
     CLASSES_DIR,
@@ -280,6 +284,54 @@ def test_label_size_must_match_image(synthetic_root: Path, tmp_path: Path) -> No
     bad = SegDraw(draw.image_path, draw.positives, draw.negatives, draw.masks[:, :-1])
     with pytest.raises(DatasetError, match=r"annotation of .* is \d+x\d+ \(HxW\) but the image is"):
         ds.build("ade20k", bad, TRUE_PREMISE, np.random.default_rng(0))
+
+
+def _overwrite_with_other_size(path: Path) -> tuple[int, int]:
+    """Write a JPEG 7 rows taller and 5 columns wider over ``path``; return the original (H, W)."""
+    h, w = cv2.imread(str(path)).shape[:2]
+    assert cv2.imwrite(str(path), np.full((h + 7, w + 5, 3), 127, np.uint8))
+    return h, w
+
+
+@pytest.mark.parametrize("name,tree", [("ade20k", "ade20k"), ("pascal_part", "vlpart")])
+def test_training_skips_an_image_whose_size_differs_from_its_label(
+    name: str, tree: str, synthetic_root: Path, synthetic_dataset: dict, tmp_path: Path
+) -> None:
+    root = _copy(synthetic_root, tmp_path, tree)
+    ds = SemSegDataset(root, ImagePreprocessor(sam_size=64, clip_size=28), sem_seg_data=name, num_classes_per_sample=3)
+    victim = Path(ds[0][0])
+    h, w = _overwrite_with_other_size(victim)
+    msg = rf"{name}: annotation of {re.escape(str(victim))} is {h}x{w} \(HxW\) but the image is {h + 7}x{w + 5}"
+    with pytest.warns(UserWarning, match=msg) as record:
+        path, image, clip, convs, masks, shape, exists = ds[0]
+    skipped = [r for r in record if "skipping this training image" in str(r.message)]
+    assert len(skipped) == ds.skipped_images >= 1 and all(str(victim) in str(r.message) for r in skipped)
+    # a well-formed sample of another image, with that image's masks
+    assert path != str(victim) and image.shape == (3, 64, 64) and clip.shape == (3, 28, 28)
+    assert len(convs) == len(exists) >= 1 and sum(c.count("[SEG]") for c in convs) == masks.shape[0] == sum(exists)
+    assert masks.dtype == torch.uint8 and tuple(masks.shape[1:]) == shape[1] == cv2.imread(path).shape[:2]
+    item = next(it for it in synthetic_dataset["sem_seg"][name]["items"] if Path(it["image"]).name == Path(path).name)
+    expected = item["masks"].values() if name == "ade20k" else [a["mask"] for a in item["annotations"].values()]
+    for m in masks:
+        assert any(np.array_equal(m.numpy(), e) for e in expected)
+    # building that given image still raises, naming the path and both sizes
+    src = ds.sources[0]
+    paths = src.image_paths if name == "ade20k" else [src.image_path(i) for i in src.image_ids]
+    draw = src.draw(np.random.default_rng(0), 3, item=[Path(p) for p in paths].index(victim))
+    with pytest.raises(DatasetError, match=msg):
+        ds.build(name, draw, TRUE_PREMISE, np.random.default_rng(0))
+
+
+def test_size_mismatch_redraws_are_bounded(synthetic_root: Path, tmp_path: Path, monkeypatch) -> None:
+    root = _copy(synthetic_root, tmp_path, "ade20k")
+    ds = SemSegDataset(root, ImagePreprocessor(sam_size=64, clip_size=28), sem_seg_data="ade20k")
+    for image in ds.sources[0].image_paths:
+        _overwrite_with_other_size(image)
+    monkeypatch.setattr(sem_seg_module, "MAX_DRAWS", 5)
+    with pytest.warns(UserWarning, match="skipping this training image"):
+        with pytest.raises(DatasetError, match=r"sem_seg: no usable image in 5 draws from ade20k"):
+            ds[0]
+    assert 1 <= ds.skipped_images <= 5
 
 
 def test_pascal_part_names_must_be_object_part(synthetic_root: Path, tmp_path: Path) -> None:
