@@ -453,6 +453,7 @@ def build_val_data(args: argparse.Namespace) -> ValData:
 # ---------------------------------------------------------------------------------------------- model / engine
 def build_model(args: argparse.Namespace, env: DistEnv) -> tuple[Any, torch.nn.Module]:
     from model.builder import READInitArgs, init_read_model
+    from model.loading import choose_attn_implementation
 
     lora_r = args.lora_r
     if args.eval_only and not (args.resume or args.auto_resume):
@@ -473,7 +474,9 @@ def build_model(args: argparse.Namespace, env: DistEnv) -> tuple[Any, torch.nn.M
         use_mm_start_end=args.use_mm_start_end,
         sasp_config=args.sasp,
         gradient_checkpointing=args.gradient_checkpointing and not args.eval_only,
-        attn_implementation=args.attn_implementation,
+        # chosen for the rank's device (the weights are loaded on the CPU first): flash-attention 2 on CUDA when
+        # installed and the precision is bf16/fp16, else SDPA
+        attn_implementation=args.attn_implementation or choose_attn_implementation(None, env.device, run_dtype(args)),
         device="cpu",  # DeepSpeed moves the module to the rank's device
         sam_variant=None,  # keep the checkpoint's SAM size (vit_h for released checkpoints)
     )

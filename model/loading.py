@@ -35,7 +35,7 @@ from utils.io import atomic_path, atomic_write_json
 
 from .config import READConfig
 from .llava import Float32RotaryEmbedding
-from .constants import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+from .constants import NUM_IMAGE_TOKENS, SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from .state_dict_check import key_mismatch, listing
 
 if TYPE_CHECKING:
@@ -152,10 +152,25 @@ def check_keys(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, torc
 
 
 # ---------------------------------------------------------------------------------------------- CLIP
+def _cached_hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of a hub id already in the Hugging Face cache (nothing is downloaded), else None."""
+    if Path(repo_id).exists() or repo_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a valid id): the caller reports the path
+        return None
+
+
 def clip_directory(path: str | Path | None, source: str) -> Path:
+    """A local CLIP directory; a hub id such as ``openai/clip-vit-large-patch14-336`` is accepted when cached."""
     if not path:
         raise ValueError(f"{source} names no CLIP vision tower: pass vision_tower=<local clip-vit-large-patch14-336 dir>")
     directory = Path(path)
+    if not (directory / CONFIG_NAME).is_file():
+        directory = _cached_hub_snapshot(str(path)) or directory
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(
             f"CLIP vision tower directory {str(directory)!r} (from {source}) not found or has no config.json: pass "
@@ -254,7 +269,15 @@ def load_read(
     dtype = parse_dtype(dtype) or parse_dtype(raw.get("torch_dtype") or raw.get("dtype") or "float32")
 
     clip_dir = clip_directory(vision_tower or config.mm_vision_tower, "vision_tower=" if vision_tower else str(directory / CONFIG_NAME))
-    config.vision_config = read_clip_config(clip_dir).to_dict()
+    clip_config = read_clip_config(clip_dir)
+    patches = (clip_config.image_size // clip_config.patch_size) ** 2
+    if patches != NUM_IMAGE_TOKENS or clip_config.hidden_size != config.mm_hidden_size:
+        raise ValueError(
+            f"CLIP tower {clip_dir} gives {patches} patches of width {clip_config.hidden_size}, but {directory} was "
+            f"trained with {NUM_IMAGE_TOKENS} patches of width {config.mm_hidden_size}: use clip-vit-large-patch14-336 "
+            f"(the 224-pixel clip-vit-large-patch14 gives 256 patches)"
+        )
+    config.vision_config = clip_config.to_dict()
     config.mm_vision_tower = config.vision_tower = str(clip_dir)
     if sam_variant is not None:
         config.sam_variant = sam_variant

@@ -313,10 +313,23 @@ class READForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *args: Any, **kwargs: Any) -> "READForCausalLM":
         """Load a released READ / SESAME / LISA (or plain LLaVA-1.5) directory; see `model.loading.load_read`."""
+        import warnings
+
         from .loading import load_read
 
         if args:
             raise TypeError("READForCausalLM.from_pretrained takes the directory positionally, the rest by keyword")
+        # the original's call (transformers 4.31) spelled some arguments differently or needed ones we do not
+        if "torch_dtype" in kwargs:
+            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        if "default_im_start_token_idx" in kwargs:
+            kwargs.setdefault("im_start_token_idx", kwargs.pop("default_im_start_token_idx"))
+        ignored = sorted(k for k in ("low_cpu_mem_usage", "device_map", "model_max_length") if k in kwargs)
+        if ignored:
+            warnings.warn(f"READForCausalLM.from_pretrained ignores {ignored} (loading is always on the meta device; "
+                          f"pass device=...)", stacklevel=2)
+            for k in ignored:
+                kwargs.pop(k)
         return load_read(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str, max_shard_size: int | str = "5GB", **kwargs: Any) -> None:

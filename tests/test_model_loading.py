@@ -179,3 +179,16 @@ def test_plain_llava_needs_a_sam_checkpoint(released, tmp_path) -> None:
         READForCausalLM.from_pretrained(plain)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         READForCausalLM.from_pretrained(plain, sam_checkpoint=tmp_path / "missing.pth", sam_variant="tiny")
+
+
+def test_wrong_clip_tower_and_original_keyword_arguments(released, tmp_path) -> None:
+    clip224 = Path(shutil.copytree(released["clip"], tmp_path / "clip224"))
+    cfg = json.loads((clip224 / "config.json").read_text())
+    cfg["vision_config"]["image_size"] = 224  # the 224-pixel tower the original demo defaulted to: 256 patches
+    (clip224 / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"clip224 gives 256 patches of width 32, but .* 576 patches of width 32"):
+        READForCausalLM.from_pretrained(released["ckpt"], vision_tower=clip224)
+    with pytest.warns(UserWarning, match=r"ignores \['device_map', 'low_cpu_mem_usage'\]"):
+        model = READForCausalLM.from_pretrained(released["ckpt"], torch_dtype=torch.bfloat16, low_cpu_mem_usage=True,
+                                                device_map="auto")
+    assert model.lm_head.weight.dtype == torch.bfloat16
