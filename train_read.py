@@ -451,7 +451,8 @@ def build_val_data(args: argparse.Namespace) -> ValData:
 
 
 # ---------------------------------------------------------------------------------------------- model / engine
-def build_model(args: argparse.Namespace, env: DistEnv) -> tuple[Any, torch.nn.Module]:
+def build_model(args: argparse.Namespace, env: Optional[DistEnv]) -> tuple[Any, torch.nn.Module]:
+    """Tokenizer + READ (+ LoRA) on the CPU; ``env`` (None: CPU) only decides the attention kernel."""
     from model.builder import READInitArgs, init_read_model
     from model.loading import choose_attn_implementation
 
@@ -476,7 +477,9 @@ def build_model(args: argparse.Namespace, env: DistEnv) -> tuple[Any, torch.nn.M
         gradient_checkpointing=args.gradient_checkpointing and not args.eval_only,
         # chosen for the rank's device (the weights are loaded on the CPU first): flash-attention 2 on CUDA when
         # installed and the precision is bf16/fp16, else SDPA
-        attn_implementation=args.attn_implementation or choose_attn_implementation(None, env.device, run_dtype(args)),
+        attn_implementation=args.attn_implementation or choose_attn_implementation(
+            None, env.device if env is not None else "cpu", run_dtype(args)
+        ),
         device="cpu",  # DeepSpeed moves the module to the rank's device
         sam_variant=None,  # keep the checkpoint's SAM size (vit_h for released checkpoints)
     )
