@@ -112,6 +112,19 @@ def sam_mask_shape(prepared: PreparedImage) -> list[tuple[int, int]]:
     return [tuple(prepared.sam_input_shape), tuple(prepared.original_size)]
 
 
+def training_item(
+    image_path: "str | os.PathLike[str]",
+    prepared: PreparedImage,
+    conversations: list[str],
+    masks: torch.Tensor,
+    exists: list[bool],
+) -> tuple:
+    """The per-sample 7-tuple every training dataset yields (docs/interfaces.md; data.md §5.2):
+    ``(image_path, image, image_clip, conversations, masks, sam_mask_shape, exists)``."""
+    return (str(image_path), prepared.image, prepared.image_clip, conversations, masks, sam_mask_shape(prepared),
+            exists)
+
+
 @dataclass(frozen=True)
 class ImagePreprocessor:
     """Carries the two input sizes so every dataset prepares images identically."""

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from dataset.conversation import render_prompt
 from dataset.errors import DatasetError
-from dataset.preprocess import ImagePreprocessor, sam_mask_shape
+from dataset.preprocess import ImagePreprocessor, training_item
 from dataset.qa_templates import (
     LONG_ANSWER_TEMPLATE,
     LONG_QUESTION_TEMPLATE,
@@ -225,12 +225,4 @@ class ReasonSegDataset(Dataset):
             masks = torch.from_numpy(mask).float().unsqueeze(0).repeat(len(turns), 1, 1)
             exists = [True] * len(turns)
         conversations = [render_prompt([t], self.template) for t in turns]
-        return (
-            str(image_path),
-            prepared.image,
-            prepared.image_clip,
-            conversations,
-            masks,
-            sam_mask_shape(prepared),
-            exists,
-        )
+        return training_item(image_path, prepared, conversations, masks, exists)

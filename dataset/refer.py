@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from dataset.conversation import render_prompt
 from dataset.errors import DatasetError
-from dataset.preprocess import ImagePreprocessor, PreparedImage, sam_mask_shape
+from dataset.preprocess import ImagePreprocessor, PreparedImage, training_item
 from dataset.qa_templates import (
     CORRECT_ANSWER_TEMPLATE,
     NEG_ANSWER_TEMPLATE,
@@ -455,12 +455,4 @@ class ReferSegDataset(Dataset):
             question = refer_question(rng, q)
             conversations.append(render_prompt([(question, refer_answer(rng, name, q))], self.template))
         masks = torch.from_numpy(index.query_masks(sampled, image_id, include_nonexistent=False))
-        return (
-            str(image_path),
-            prepared.image,
-            prepared.image_clip,
-            conversations,
-            masks,
-            sam_mask_shape(prepared),
-            [q.exists for q in sampled],
-        )
+        return training_item(image_path, prepared, conversations, masks, [q.exists for q in sampled])

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from dataset.conversation import render_prompt
 from dataset.errors import DatasetError, require_path
-from dataset.preprocess import ImagePreprocessor, PreparedImage, sam_mask_shape
+from dataset.preprocess import ImagePreprocessor, PreparedImage, training_item
 from dataset.qa_templates import (
     CORRECT_ANSWER_TEMPLATE,
     NEG_ANSWER_TEMPLATE,
@@ -508,12 +508,5 @@ class SemSegDataset(Dataset):
             masks = torch.from_numpy(np.ascontiguousarray(draw.masks))
         else:
             masks = torch.zeros((0, h, w), dtype=torch.uint8)
-        return (
-            str(draw.image_path),
-            prepared.image,
-            prepared.image_clip,
-            [render_prompt([t], self.template) for t in turns],
-            masks,
-            sam_mask_shape(prepared),
-            [mode == TRUE_PREMISE] * len(turns),
-        )
+        conversations = [render_prompt([t], self.template) for t in turns]
+        return training_item(draw.image_path, prepared, conversations, masks, [mode == TRUE_PREMISE] * len(turns))

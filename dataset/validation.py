@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from dataset.conversation import render_prompt
 from dataset.errors import DatasetError
-from dataset.preprocess import ImagePreprocessor, sam_mask_shape
+from dataset.preprocess import ImagePreprocessor, training_item
 from dataset.qa_templates import LISA_ANSWER, LISA_LONG_QUESTION, LISA_SHORT_QUESTION
 from dataset.reason_seg import (
     REASON_TREE,
@@ -97,18 +97,8 @@ class TestReasoningDataset(Dataset):
         answer = LISA_ANSWER if self.mode == "val" else None
         conversations = [render_prompt([(question, answer)], self.template)]
         mask = torch.from_numpy(rasterize_reason_mask(ann.shapes, h, w)).unsqueeze(0)
-        return (
-            str(image_path),
-            prepared.image,
-            prepared.image_clip,
-            conversations,
-            mask,
-            sam_mask_shape(prepared),
-            [True],
-            [idx],
-            [0],
-            {str(image_path): conversations},
-        )
+        item = training_item(image_path, prepared, conversations, mask, [True])
+        return (*item, [idx], [0], {str(image_path): conversations})
 
 
 def refer_questions(
@@ -176,15 +166,5 @@ class TestReferDataset(Dataset):
             answer = refer_answer(rng, self.name, q) if self.mode == "val" else None
             conversations.append(render_prompt([(question, answer)], self.template))
         masks = torch.from_numpy(self.index.query_masks(queries, image_id, include_nonexistent=True))
-        return (
-            str(image_path),
-            prepared.image,
-            prepared.image_clip,
-            conversations,
-            masks,
-            sam_mask_shape(prepared),
-            [q.exists for q in queries],
-            [q.ref_id for q in queries],
-            [q.sent_index for q in queries],
-            {str(image_path): conversations},
-        )
+        item = training_item(image_path, prepared, conversations, masks, [q.exists for q in queries])
+        return (*item, [q.ref_id for q in queries], [q.sent_index for q in queries], {str(image_path): conversations})

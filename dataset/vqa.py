@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from dataset.conversation import render_prompt
 from dataset.errors import DatasetError, require_path
-from dataset.preprocess import ImagePreprocessor, sam_mask_shape
+from dataset.preprocess import ImagePreprocessor, training_item
 from model.constants import DEFAULT_IMAGE_TOKEN
 
 VQA_TREE = """\
@@ -122,12 +122,5 @@ class VQADataset(Dataset):
         image_path = self.image_dir / image_name
         prepared = self.preprocessor.load(image_path, "vqa")
         h, w = prepared.original_size
-        return (
-            str(image_path),
-            prepared.image,
-            prepared.image_clip,
-            [render_prompt(turns, self.template)],
-            torch.zeros((0, h, w), dtype=torch.uint8),
-            sam_mask_shape(prepared),
-            [False],
-        )
+        no_mask = torch.zeros((0, h, w), dtype=torch.uint8)
+        return training_item(image_path, prepared, [render_prompt(turns, self.template)], no_mask, [False])
