@@ -35,13 +35,16 @@ class OverlayStyle:
 
 def load_image_rgb(path: PathLike) -> np.ndarray:
     """Read an image file as uint8 RGB [H,W,3]; a missing or unreadable file raises ValueError naming it."""
+    from dataset.errors import DatasetError
+    from dataset.preprocess import load_rgb_image  # the datasets' decoder, so the demo sees what training saw
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"image not found: {path}")
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"not a readable image file: {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    try:
+        return load_rgb_image(path, "image")
+    except DatasetError:
+        raise ValueError(f"not a readable image file: {path}") from None
 
 
 def encode_png(image: np.ndarray) -> bytes:
